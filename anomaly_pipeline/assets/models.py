@@ -1,0 +1,131 @@
+"""One IsolationForest per market and interval, trained on that market's stored features."""
+
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import sklearn
+from pydantic import Field
+
+from anomaly_pipeline.assets.features import features_asset_key
+from anomaly_pipeline.features import FEATURE_NAMES
+from anomaly_pipeline.modeling.model_store import ModelStoreResource
+from anomaly_pipeline.modeling.training import DEFAULT_FLAG_RATE, FOREST_PARAMS, train_model
+from anomaly_pipeline.storage.bar_store import BarStore
+from anomaly_pipeline.universe import Market
+
+
+class ModelTrainingConfig(dg.Config):
+    train_start: str | None = Field(
+        default=None, description="First bar (ISO date, UTC) to train on; default: all history."
+    )
+    train_end: str | None = Field(
+        default=None, description="Train on bars before this ISO date (UTC); default: up to now."
+    )
+    flag_rate: float = Field(
+        default=DEFAULT_FLAG_RATE,
+        description="Share of bars like the training data that the threshold flags.",
+    )
+    max_training_rows: int = Field(
+        default=2_000_000,
+        description="Above this, evenly spaced rows are kept (deterministic) to bound memory.",
+    )
+
+
+def model_asset_key(market: Market, interval: str) -> dg.AssetKey:
+    return dg.AssetKey([market.key_prefix, interval, "model"])
+
+
+def build_model_asset(market: Market, interval: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        key=model_asset_key(market, interval),
+        deps=[features_asset_key(market, interval)],
+        group_name=f"{market.key_prefix}_{interval}",
+        kinds={"scikitlearn", "mongodb"},
+        description=(
+            f"The IsolationForest that scores {market.name} {interval} bars, trained on the "
+            "market's stored features. Its joblib bytes live in GridFS bucket `model_blobs` and "
+            "its record (SHA-256, scikit-learn version, features, parameters, training window, "
+            "rows, threshold) in collection `models`. Retraining on unchanged data keeps the "
+            "version; new bytes get the next version, e.g. US-1d-3."
+        ),
+    )
+    def model(
+        context: dg.AssetExecutionContext,
+        config: ModelTrainingConfig,
+        model_store: ModelStoreResource,
+    ) -> dg.MaterializeResult:
+        store = model_store.store()
+        start = pd.Timestamp(config.train_start, tz="UTC") if config.train_start else None
+        end = pd.Timestamp(config.train_end, tz="UTC") if config.train_end else None
+        features = BarStore(store.database).read_features(market.tickers, interval, start, end)
+        if len(features) > config.max_training_rows:
+            keep = np.linspace(0, len(features) - 1, config.max_training_rows).round().astype(int)
+            features = features.iloc[np.unique(keep)]
+        context.log.info(
+            f"training {market.name} {interval} on {len(features)} rows from "
+            f"{features['ticker'].nunique()} ticker(s)"
+        )
+        try:
+            trained = train_model(features, flag_rate=config.flag_rate)
+        except ValueError as exc:
+            raise dg.Failure(f"{market.name} {interval} model: {exc}") from exc
+
+        training_window = {
+            "requested_start": start,
+            "requested_end": end,
+            "first_bar": features.index.min(),
+            "last_bar": features.index.max(),
+        }
+        record, is_new = store.save(
+            market.name,
+            interval,
+            trained,
+            training_window=training_window,
+            tickers=sorted(features["ticker"].unique().tolist()),
+            params=FOREST_PARAMS,
+            run_id=context.run.run_id,
+        )
+        removed = store.prune(market.name, interval, keep=model_store.keep_versions)
+        context.log.info(
+            f"{'recorded new model' if is_new else 'unchanged bytes, kept model'} {record['_id']} "
+            f"(sha256 {record['sha256'][:12]}); pruned {removed or 'nothing'}"
+        )
+        return dg.MaterializeResult(
+            metadata=model_metadata(record, is_new, store.records(market.name, interval)),
+            data_version=dg.DataVersion(record["sha256"]),
+        )
+
+    return model
+
+
+def model_metadata(record: dict, is_new: bool, history: list[dict]) -> dict:
+    window = record["training_window"]
+    versions = pd.DataFrame(
+        [
+            {
+                "version": r["_id"],
+                "sha256": r["sha256"][:16],
+                "rows": r["training_rows"],
+                "created_at": r["created_at"].isoformat(),
+            }
+            for r in history
+        ]
+    )
+    return {
+        "model_version": dg.MetadataValue.text(record["_id"]),
+        "model_hash": dg.MetadataValue.text(record["sha256"]),
+        "new_version": dg.MetadataValue.bool(is_new),
+        "sklearn_version": dg.MetadataValue.text(record["sklearn_version"]),
+        "training_rows": dg.MetadataValue.int(record["training_rows"]),
+        "training_first_bar": dg.MetadataValue.timestamp(window["first_bar"]),
+        "training_last_bar": dg.MetadataValue.timestamp(window["last_bar"]),
+        "threshold": dg.MetadataValue.float(record["threshold"]),
+        "flag_rate": dg.MetadataValue.float(record["flag_rate"]),
+        "size_bytes": dg.MetadataValue.int(record["size_bytes"]),
+        "feature_names": dg.MetadataValue.json(list(FEATURE_NAMES)),
+        "params": dg.MetadataValue.json(record["params"]),
+        "tickers": dg.MetadataValue.json(record["tickers"]),
+        "kept_versions": dg.MetadataValue.md(versions.to_markdown(index=False)),
+        "serving_sklearn": dg.MetadataValue.text(sklearn.__version__),
+    }

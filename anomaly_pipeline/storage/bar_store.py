@@ -1,0 +1,165 @@
+"""Prices and features in MongoDB, one document per partition.
+
+Each partition (ticker, interval, window) is one document holding its bars as parallel arrays.
+Writing a partition is a single ``replace_one``, which MongoDB applies atomically, so a run
+killed mid-write leaves the partition either as it was or fully replaced, never half-written.
+Few large documents also suit the local server far better than one document per bar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from pymongo.database import Database
+
+from anomaly_pipeline.features import FEATURE_NAMES
+from anomaly_pipeline.prices.frames import PRICE_COLUMNS, empty_bars
+from anomaly_pipeline.prices.source import BarWindow
+from anomaly_pipeline.storage.mongo import BAR_FEATURES, PRICE_BARS, bson_safe
+
+
+def partition_document_id(ticker: str, interval: str, window_start: pd.Timestamp) -> str:
+    return f"{ticker}|{interval}|{pd.Timestamp(window_start).tz_convert('UTC').isoformat()}"
+
+
+class BarStore:
+    """Reads and writes the ``price_bars`` and ``bar_features`` collections."""
+
+    def __init__(self, database: Database):
+        self.database = database
+
+    def write_bars(
+        self,
+        window: BarWindow,
+        bars: pd.DataFrame,
+        *,
+        run_id: str,
+        source: str,
+        empty_reason: str | None,
+        notes: Sequence[str] = (),
+    ) -> None:
+        document = {
+            **_window_fields(window),
+            "bar_count": len(bars),
+            "empty_reason": empty_reason,
+            "normalisation_notes": list(notes),
+            "source": source,
+            "run_id": run_id,
+            "ingested_at": pd.Timestamp.now(tz="UTC"),
+            "timestamps": list(bars.index),
+            **{column: bars[column].to_numpy() for column in PRICE_COLUMNS},
+        }
+        self.database[PRICE_BARS].replace_one(
+            {"_id": document["_id"]}, bson_safe(document), upsert=True
+        )
+
+    def write_features(
+        self, window: BarWindow, features: pd.DataFrame, *, warmup_excluded: int, run_id: str
+    ) -> None:
+        document = {
+            **_window_fields(window),
+            "row_count": len(features),
+            "warmup_excluded": warmup_excluded,
+            "feature_names": list(FEATURE_NAMES),
+            "run_id": run_id,
+            "computed_at": pd.Timestamp.now(tz="UTC"),
+            "timestamps": list(features.index),
+            **{name: features[name].to_numpy() for name in FEATURE_NAMES},
+        }
+        self.database[BAR_FEATURES].replace_one(
+            {"_id": document["_id"]}, bson_safe(document), upsert=True
+        )
+
+    def partition_document(self, collection: str, window: BarWindow) -> dict | None:
+        return self.database[collection].find_one(
+            {"_id": partition_document_id(window.ticker, window.interval, window.start)}
+        )
+
+    def read_bars(
+        self, ticker: str, interval: str, start: pd.Timestamp, end: pd.Timestamp
+    ) -> pd.DataFrame:
+        """Stored bars with ``start <= timestamp < end``."""
+        documents = self.database[PRICE_BARS].find(
+            {
+                "ticker": ticker,
+                "interval": interval,
+                "window_start": {"$lt": end},
+                "window_end": {"$gt": start},
+            },
+            sort=[("window_start", 1)],
+        )
+        bars = _frame_from_documents(documents, PRICE_COLUMNS)
+        return bars[(bars.index >= start) & (bars.index < end)]
+
+    def bars_before(self, ticker: str, interval: str, before: pd.Timestamp, count: int) -> pd.DataFrame:
+        """The last ``count`` stored bars strictly before ``before`` (fewer at the history start)."""
+        chunks: list[pd.DataFrame] = []
+        held = 0
+        cursor = self.database[PRICE_BARS].find(
+            {"ticker": ticker, "interval": interval, "window_start": {"$lt": before}},
+            sort=[("window_start", -1)],
+        )
+        for document in cursor:
+            chunk = _frame_from_documents([document], PRICE_COLUMNS)
+            chunk = chunk[chunk.index < before]
+            chunks.append(chunk)
+            held += len(chunk)
+            if held >= count:
+                break
+        if not chunks:
+            return empty_bars()
+        return pd.concat(chunks[::-1]).sort_index().iloc[-count:] if count else empty_bars()
+
+    def read_features(
+        self,
+        tickers: Iterable[str],
+        interval: str,
+        start: pd.Timestamp | None = None,
+        end: pd.Timestamp | None = None,
+    ) -> pd.DataFrame:
+        """Stored features of several tickers, with a ``ticker`` column, ordered by ticker and time."""
+        query: dict = {"ticker": {"$in": list(tickers)}, "interval": interval}
+        if end is not None:
+            query["window_start"] = {"$lt": end}
+        if start is not None:
+            query["window_end"] = {"$gt": start}
+        frames = []
+        for document in self.database[BAR_FEATURES].find(query, sort=[("ticker", 1), ("window_start", 1)]):
+            frame = _frame_from_documents([document], FEATURE_NAMES)
+            frame.insert(0, "ticker", document["ticker"])
+            frames.append(frame)
+        if not frames:
+            return pd.DataFrame(columns=["ticker", *FEATURE_NAMES], index=empty_bars().index)
+        features = pd.concat(frames)
+        if start is not None:
+            features = features[features.index >= start]
+        if end is not None:
+            features = features[features.index < end]
+        return features
+
+
+def _window_fields(window: BarWindow) -> dict:
+    return {
+        "_id": partition_document_id(window.ticker, window.interval, window.start),
+        "ticker": window.ticker,
+        "interval": window.interval,
+        "market": window.market.name,
+        "partition_key": str(window.partition_key),
+        "window_start": window.start,
+        "window_end": window.end,
+    }
+
+
+def _frame_from_documents(documents: Iterable[dict], columns: Sequence[str]) -> pd.DataFrame:
+    timestamps: list = []
+    values: dict[str, list] = {column: [] for column in columns}
+    for document in documents:
+        timestamps.extend(document["timestamps"])
+        for column in columns:
+            values[column].extend(document[column])
+    index = pd.DatetimeIndex(pd.to_datetime(timestamps, utc=True), name="timestamp")
+    return pd.DataFrame(
+        {column: np.asarray(values[column], dtype="float64") for column in columns}, index=index
+    )
