@@ -39,7 +39,9 @@ def trading_sessions(market: Market, start: pd.Timestamp, end: pd.Timestamp) -> 
         schedule = pd.DataFrame({"open": days, "close": days + pd.Timedelta(days=1)}, index=days)
     else:
         calendar = exchange_calendar(market.calendar)
-        first = max(start.tz_convert(None).normalize() - pd.Timedelta(days=1), calendar.first_session)
+        first = max(
+            start.tz_convert(None).normalize() - pd.Timedelta(days=1), calendar.first_session
+        )
         last = min(end.tz_convert(None).normalize() + pd.Timedelta(days=1), calendar.last_session)
         if first > last:
             return pd.DataFrame(columns=["open", "close"])

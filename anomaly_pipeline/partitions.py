@@ -87,7 +87,9 @@ def partition_key_for(ticker: str, window_key: str) -> str:
     return dg.MultiPartitionKey({TICKER_DIMENSION: ticker, WINDOW_DIMENSION: window_key})
 
 
-def window_dimension(partitions_def: dg.MultiPartitionsDefinition) -> dg.TimeWindowPartitionsDefinition:
+def window_dimension(
+    partitions_def: dg.MultiPartitionsDefinition,
+) -> dg.TimeWindowPartitionsDefinition:
     for dimension in partitions_def.partitions_defs:
         if dimension.name == WINDOW_DIMENSION:
             return dimension.partitions_def

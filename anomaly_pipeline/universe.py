@@ -65,7 +65,9 @@ class Universe:
 
     def pairs(self) -> list[tuple[Market, str]]:
         """Every (market, interval) pair the universe declares, in file order."""
-        return [(market, interval) for market in self.markets.values() for interval in market.intervals]
+        return [
+            (market, interval) for market in self.markets.values() for interval in market.intervals
+        ]
 
 
 def universe_path() -> Path:
@@ -114,7 +116,9 @@ def _load_universe_cached(path: Path, _mtime_ns: int) -> Universe:
     return Universe(path=path, markets=markets, history_start=history_start, errors=errors)
 
 
-def _parse_history_start(path: Path, raw: object, errors: dict[str, str]) -> dict[str, pd.Timestamp]:
+def _parse_history_start(
+    path: Path, raw: object, errors: dict[str, str]
+) -> dict[str, pd.Timestamp]:
     starts = {name: pd.Timestamp(spec.default_history_start) for name, spec in INTERVALS.items()}
     if not isinstance(raw, dict):
         errors["history_start"] = f"{path}: history_start: expected a mapping of interval to date"

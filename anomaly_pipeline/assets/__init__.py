@@ -13,7 +13,9 @@ from anomaly_pipeline.partitions import bar_partitions
 from anomaly_pipeline.universe import Market, Universe
 
 
-def build_pipeline_assets(market: Market, interval: str, universe: Universe) -> list[dg.AssetsDefinition]:
+def build_pipeline_assets(
+    market: Market, interval: str, universe: Universe
+) -> list[dg.AssetsDefinition]:
     partitions_def = bar_partitions(market, interval, universe.history_start[interval])
     return [
         build_prices_asset(market, interval, partitions_def),

@@ -1,6 +1,5 @@
 """Anomalous bars per ticker and window, scored by the market's current model."""
 
-
 import time
 
 import dagster as dg
@@ -38,9 +37,7 @@ def build_anomalies_asset(
             "replaces its anomaly set; running it again never duplicates a document."
         ),
     )
-    def anomalies(
-        context: dg.AssetExecutionContext, model_store: ModelStoreResource
-    ) -> None:
+    def anomalies(context: dg.AssetExecutionContext, model_store: ModelStoreResource) -> None:
         started = time.monotonic()
         try:
             model = model_store.current_model(market.name, interval)
@@ -61,7 +58,9 @@ def build_anomalies_asset(
                 )
             features = bar_store.read_features([window.ticker], interval, window.start, window.end)
             features_by_window.append(features[list(FEATURE_NAMES)])
-            bars_by_window.append(bar_store.read_bars(window.ticker, interval, window.start, window.end))
+            bars_by_window.append(
+                bar_store.read_bars(window.ticker, interval, window.start, window.end)
+            )
 
         detections = detect(
             model,
@@ -84,13 +83,17 @@ def build_anomalies_asset(
                     "bars_scored": dg.MetadataValue.int(detection.scored_bars),
                     "anomalies": dg.MetadataValue.int(len(detection.documents)),
                     "anomaly_rate": dg.MetadataValue.float(
-                        len(detection.documents) / detection.scored_bars if detection.scored_bars else 0.0
+                        len(detection.documents) / detection.scored_bars
+                        if detection.scored_bars
+                        else 0.0
                     ),
                     "removed_stale": dg.MetadataValue.int(counts["removed"]),
                     "model_version": dg.MetadataValue.text(model.version),
                     "model_hash": dg.MetadataValue.text(model.sha256),
                     "threshold": dg.MetadataValue.float(model.threshold),
-                    "duration_seconds": dg.MetadataValue.float(round(time.monotonic() - started, 3)),
+                    "duration_seconds": dg.MetadataValue.float(
+                        round(time.monotonic() - started, 3)
+                    ),
                 },
                 partition_key=window.partition_key,
             )

@@ -1,6 +1,5 @@
 """The 14 model features per bar, computed from stored prices with their warm-up history."""
 
-
 import dagster as dg
 import pandas as pd
 

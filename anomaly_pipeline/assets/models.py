@@ -1,6 +1,5 @@
 """One IsolationForest per market and interval, trained on that market's stored features."""
 
-
 import dagster as dg
 import numpy as np
 import pandas as pd

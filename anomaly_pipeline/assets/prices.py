@@ -1,6 +1,5 @@
 """Price bars per ticker and window, fetched from the configured source into MongoDB."""
 
-
 import dagster as dg
 
 from anomaly_pipeline.assets.metadata import window_metadata
@@ -41,7 +40,8 @@ def build_prices_asset(
     ) -> None:
         windows = bar_windows(partitions_def, context.partition_keys, market, interval)
         context.log.info(
-            f"fetching {len(windows)} {interval} partition(s) of {market.name} from {price_source.name}"
+            f"fetching {len(windows)} {interval} partition(s) of {market.name} "
+            f"from {price_source.name}"
         )
         store = BarStore(mongo.get_database())
         failures: list[PriceDataError] = []
@@ -61,7 +61,10 @@ def build_prices_asset(
             )
             bar_total += len(result.bars)
             if result.empty_reason:
-                context.log.info(f"{window.ticker} {interval} {window.partition_key}: 0 bars, {result.empty_reason}")
+                context.log.info(
+                    f"{window.ticker} {interval} {window.partition_key}: 0 bars, "
+                    f"{result.empty_reason}"
+                )
             for note in result.notes:
                 context.log.warning(f"{window.ticker} {interval} {window.partition_key}: {note}")
             metadata = {
@@ -72,10 +75,16 @@ def build_prices_asset(
             if result.empty_reason:
                 metadata["empty_reason"] = dg.MetadataValue.text(result.empty_reason)
             if len(result.bars):
-                metadata["first_bar"] = dg.MetadataValue.timestamp(result.bars.index[0].to_pydatetime())
-                metadata["last_bar"] = dg.MetadataValue.timestamp(result.bars.index[-1].to_pydatetime())
+                metadata["first_bar"] = dg.MetadataValue.timestamp(
+                    result.bars.index[0].to_pydatetime()
+                )
+                metadata["last_bar"] = dg.MetadataValue.timestamp(
+                    result.bars.index[-1].to_pydatetime()
+                )
             if result.notes:
-                metadata["normalisation"] = dg.MetadataValue.md("\n".join(f"- {n}" for n in result.notes))
+                metadata["normalisation"] = dg.MetadataValue.md(
+                    "\n".join(f"- {n}" for n in result.notes)
+                )
             context.add_asset_metadata(metadata, partition_key=window.partition_key)
 
         context.log.info(
@@ -85,8 +94,9 @@ def build_prices_asset(
         if failures:
             raise dg.Failure(
                 description=(
-                    f"{len(failures)} of {len(windows)} {market.name} {interval} partition(s) could "
-                    "not be fetched; the others were stored:\n" + "\n".join(str(f) for f in failures)
+                    f"{len(failures)} of {len(windows)} {market.name} {interval} partition(s) "
+                    "could not be fetched; the others were stored:\n"
+                    + "\n".join(str(f) for f in failures)
                 ),
                 allow_retries=any(f.__class__.__name__ == "RateLimitedError" for f in failures),
             )

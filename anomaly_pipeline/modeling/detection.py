@@ -48,7 +48,9 @@ def detect(
         offset += len(features)
         flagged = np.flatnonzero(window_scores > model.threshold)
         documents = [
-            _anomaly_document(window, features, bars, row, float(window_scores[row]), model, run_id, trigger)
+            _anomaly_document(
+                window, features, bars, row, float(window_scores[row]), model, run_id, trigger
+            )
             for row in flagged
         ]
         detections.append(WindowDetection(window, len(features), documents))

@@ -70,7 +70,9 @@ class ModelStore:
 
     def records(self, market: str, interval: str) -> list[dict]:
         return list(
-            self.database[MODELS].find({"market": market, "interval": interval}, sort=[("sequence", -1)])
+            self.database[MODELS].find(
+                {"market": market, "interval": interval}, sort=[("sequence", -1)]
+            )
         )
 
     def save(
@@ -151,7 +153,8 @@ class ModelStore:
 
         if record["sklearn_version"] != sklearn.__version__:
             raise ModelUnavailableError(
-                f"model {record['_id']} was written by scikit-learn {record['sklearn_version']} and "
+                f"model {record['_id']} was written by scikit-learn "
+                f"{record['sklearn_version']} and "
                 f"this process runs {sklearn.__version__}; retrain it by materializing the "
                 f"{record['market'].lower()}/{record['interval']}/model asset"
             )

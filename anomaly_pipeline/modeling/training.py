@@ -53,7 +53,8 @@ def train_model(features: pd.DataFrame, *, flag_rate: float = DEFAULT_FLAG_RATE)
         raise ValueError(f"flag_rate must be between 0 and 0.5, got {flag_rate}")
     if len(features) < MIN_TRAINING_ROWS:
         raise ValueError(
-            f"only {len(features)} feature rows to train on; at least {MIN_TRAINING_ROWS} are needed"
+            f"only {len(features)} feature rows to train on; "
+            f"at least {MIN_TRAINING_ROWS} are needed"
         )
     training = features[list(FEATURE_NAMES)].astype("float64")
     forest = IsolationForest(**FOREST_PARAMS).fit(training)

@@ -20,6 +20,7 @@ from anomaly_pipeline.prices.frames import PriceDataError
 from anomaly_pipeline.prices.normalize import normalize_bars, read_bar_file
 from anomaly_pipeline.prices.source import BarWindow, FetchedBars, PriceSource, explain_empty_window
 from anomaly_pipeline.settings import SAMPLE_DATA_DIR
+from anomaly_pipeline.universe import Market
 
 _FILE_CACHE: dict[tuple[str, int], tuple[pd.DataFrame, tuple[str, ...]]] = {}
 _CACHE_LOCK = threading.Lock()
@@ -45,6 +46,26 @@ class FilesPriceSource(PriceSource):
             if path.exists():
                 return path
         return None
+
+    def coverage(
+        self, ticker: str, interval: str, market: Market
+    ) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """First and last bar of a ticker's file."""
+        probe = BarWindow(
+            ticker,
+            interval,
+            market,
+            pd.Timestamp.min.tz_localize("UTC"),
+            pd.Timestamp.max.tz_localize("UTC"),
+            "coverage",
+        )
+        path = self.file_for(ticker, interval)
+        if path is None:
+            raise probe.error(f"no file {ticker}_{interval}.csv or .parquet in {self.directory}")
+        bars, _ = self._load(path, probe)
+        if bars.empty:
+            raise probe.error(f"{path.name} holds no bars")
+        return bars.index[0], bars.index[-1]
 
     def _fetch_one(self, window: BarWindow) -> FetchedBars | PriceDataError:
         path = self.file_for(window.ticker, window.interval)

@@ -35,7 +35,9 @@ class RateLimitedError(PriceDataError):
 def empty_bars() -> pd.DataFrame:
     """A canonical frame with no rows."""
     index = pd.DatetimeIndex([], tz="UTC", name="timestamp")
-    return pd.DataFrame({column: pd.Series(dtype="float64") for column in PRICE_COLUMNS}, index=index)
+    return pd.DataFrame(
+        {column: pd.Series(dtype="float64") for column in PRICE_COLUMNS}, index=index
+    )
 
 
 def is_canonical(bars: pd.DataFrame) -> bool:

@@ -40,7 +40,7 @@ class AnomalyStore:
         end: pd.Timestamp,
         documents: Sequence[dict],
     ) -> dict[str, int]:
-        """Make the stored anomalies of ``ticker``/``interval`` in ``[start, end)`` equal ``documents``.
+        """Make the stored anomalies of one ticker and interval in a window equal ``documents``.
 
         ``created_at`` is set when a bar is first found and kept on every later run.
         """

@@ -93,8 +93,10 @@ class BarStore:
         bars = _frame_from_documents(documents, PRICE_COLUMNS)
         return bars[(bars.index >= start) & (bars.index < end)]
 
-    def bars_before(self, ticker: str, interval: str, before: pd.Timestamp, count: int) -> pd.DataFrame:
-        """The last ``count`` stored bars strictly before ``before`` (fewer at the history start)."""
+    def bars_before(
+        self, ticker: str, interval: str, before: pd.Timestamp, count: int
+    ) -> pd.DataFrame:
+        """The last ``count`` stored bars before ``before`` (fewer at the start of history)."""
         chunks: list[pd.DataFrame] = []
         held = 0
         cursor = self.database[PRICE_BARS].find(
@@ -119,14 +121,16 @@ class BarStore:
         start: pd.Timestamp | None = None,
         end: pd.Timestamp | None = None,
     ) -> pd.DataFrame:
-        """Stored features of several tickers, with a ``ticker`` column, ordered by ticker and time."""
+        """Stored features of several tickers with a ``ticker`` column, by ticker then time."""
         query: dict = {"ticker": {"$in": list(tickers)}, "interval": interval}
         if end is not None:
             query["window_start"] = {"$lt": end}
         if start is not None:
             query["window_end"] = {"$gt": start}
         frames = []
-        for document in self.database[BAR_FEATURES].find(query, sort=[("ticker", 1), ("window_start", 1)]):
+        for document in self.database[BAR_FEATURES].find(
+            query, sort=[("ticker", 1), ("window_start", 1)]
+        ):
             frame = _frame_from_documents([document], FEATURE_NAMES)
             frame.insert(0, "ticker", document["ticker"])
             frames.append(frame)

@@ -87,7 +87,8 @@ class MongoResource(dg.ConfigurableResource):
         if self.uri:
             return f"MongoDB from MONGODB_URI, database {self.database!r}"
         home = Path(self.home) if self.home else pipeline_home()
-        return f"local server, data in {LocalMongoServer(home).storage_path}, database {self.database!r}"
+        storage = LocalMongoServer(home).storage_path
+        return f"local server, data in {storage}, database {self.database!r}"
 
 
 def ensure_indexes(database: Database) -> None:
@@ -103,7 +104,9 @@ def ensure_indexes(database: Database) -> None:
     anomalies.create_index([("model_hash", 1)], name="model_hash")
     anomalies.create_index([("detection_run_id", 1)], name="run")
     database[MODELS].create_index(
-        [("market", 1), ("interval", 1), ("sequence", -1)], name="market_interval_sequence", unique=True
+        [("market", 1), ("interval", 1), ("sequence", -1)],
+        name="market_interval_sequence",
+        unique=True,
     )
     database[MODELS].create_index([("sha256", 1)], name="sha256")
 
