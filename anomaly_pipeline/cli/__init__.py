@@ -1,0 +1,45 @@
+"""``anomaly-pipeline``: the command line of the anomaly pipeline.
+
+Each command group lives in its own module, which adds its sub-commands with ``register``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from anomaly_pipeline.cli import anomalies, database, demo
+from anomaly_pipeline.cli.errors import CliError
+
+COMMAND_MODULES = (demo, anomalies, database)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomaly-pipeline",
+        description="Find anomalous price bars with Dagster and keep an audit trail of each one.",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
