@@ -1,4 +1,7 @@
-"""The Dagster code location: assets, jobs, schedules, sensors and resources, assembled."""
+"""The Dagster code location: assets, checks, jobs, schedules, sensors and resources, assembled.
+
+Each area builds its own ``dg.Definitions`` from the universe; this module only merges them.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ from anomaly_pipeline.universe import Universe, load_universe
 
 def build_definitions(universe: Universe | None = None) -> dg.Definitions:
     universe = universe or load_universe()
-    return dg.Definitions(assets=build_all_assets(universe), resources=build_resources())
+    return dg.Definitions.merge(
+        dg.Definitions(assets=build_all_assets(universe), resources=build_resources()),
+    )
 
 
 defs = build_definitions()
