@@ -1,9 +1,14 @@
 """Prices and features in MongoDB, one document per partition.
 
-Each partition (ticker, interval, window) is one document holding its bars as parallel arrays.
+Each partition (ticker, interval, window) is one document holding its bars column by column.
 Writing a partition is a single ``replace_one``, which MongoDB applies atomically, so a run
 killed mid-write leaves the partition either as it was or fully replaced, never half-written.
 Few large documents also suit the local server far better than one document per bar.
+
+Columns are stored as BSON binary holding little-endian float64 values, and bar times as
+little-endian int64 nanoseconds since the epoch (UTC). A month of 15m crypto bars is about 3,000
+values per column: as BSON arrays that costs a Python object per value on every write and read,
+and writes to the local server took about ten times longer than the same data as binary.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from bson import Binary
 from pymongo.database import Database
 
 from anomaly_pipeline.features import FEATURE_NAMES
@@ -48,8 +54,7 @@ class BarStore:
             "source": source,
             "run_id": run_id,
             "ingested_at": pd.Timestamp.now(tz="UTC"),
-            "timestamps": list(bars.index),
-            **{column: bars[column].to_numpy() for column in PRICE_COLUMNS},
+            **_encode_columns(bars, PRICE_COLUMNS),
         }
         self.database[PRICE_BARS].replace_one(
             {"_id": document["_id"]}, bson_safe(document), upsert=True
@@ -65,8 +70,7 @@ class BarStore:
             "feature_names": list(FEATURE_NAMES),
             "run_id": run_id,
             "computed_at": pd.Timestamp.now(tz="UTC"),
-            "timestamps": list(features.index),
-            **{name: features[name].to_numpy() for name in FEATURE_NAMES},
+            **_encode_columns(features, FEATURE_NAMES),
         }
         self.database[BAR_FEATURES].replace_one(
             {"_id": document["_id"]}, bson_safe(document), upsert=True
@@ -156,14 +160,44 @@ def _window_fields(window: BarWindow) -> dict:
     }
 
 
+COLUMN_ENCODING = "float64-le; timestamps int64-le ns UTC"
+
+
+def bars_from_document(document: dict) -> pd.DataFrame:
+    """The canonical bar frame stored in one ``price_bars`` document."""
+    return _frame_from_documents([document], PRICE_COLUMNS)
+
+
+def features_from_document(document: dict) -> pd.DataFrame:
+    """The feature frame stored in one ``bar_features`` document."""
+    return _frame_from_documents([document], FEATURE_NAMES)
+
+
+def _encode_columns(frame: pd.DataFrame, columns: Sequence[str]) -> dict:
+    return {
+        "encoding": COLUMN_ENCODING,
+        "timestamps": Binary(frame.index.asi8.astype("<i8").tobytes()),
+        "columns": {
+            column: Binary(frame[column].to_numpy(dtype="<f8").tobytes()) for column in columns
+        },
+    }
+
+
 def _frame_from_documents(documents: Iterable[dict], columns: Sequence[str]) -> pd.DataFrame:
-    timestamps: list = []
-    values: dict[str, list] = {column: [] for column in columns}
+    stamps: list[np.ndarray] = []
+    values: dict[str, list[np.ndarray]] = {column: [] for column in columns}
     for document in documents:
-        timestamps.extend(document["timestamps"])
+        stamps.append(np.frombuffer(document["timestamps"], dtype="<i8"))
         for column in columns:
-            values[column].extend(document[column])
-    index = pd.DatetimeIndex(pd.to_datetime(timestamps, utc=True), name="timestamp")
+            values[column].append(np.frombuffer(document["columns"][column], dtype="<f8"))
+    index = pd.DatetimeIndex(
+        pd.to_datetime(np.concatenate(stamps) if stamps else np.empty(0, "<i8"), utc=True),
+        name="timestamp",
+    )
     return pd.DataFrame(
-        {column: np.asarray(values[column], dtype="float64") for column in columns}, index=index
+        {
+            column: np.concatenate(values[column]).astype("float64") if stamps else np.empty(0)
+            for column in columns
+        },
+        index=index,
     )
