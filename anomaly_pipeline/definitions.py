@@ -10,12 +10,14 @@ import dagster as dg
 from anomaly_pipeline.assets import build_all_assets
 from anomaly_pipeline.resources import build_resources
 from anomaly_pipeline.universe import Universe, load_universe
+from anomaly_pipeline.verification import build_verification_definitions
 
 
 def build_definitions(universe: Universe | None = None) -> dg.Definitions:
     universe = universe or load_universe()
     return dg.Definitions.merge(
         dg.Definitions(assets=build_all_assets(universe), resources=build_resources()),
+        build_verification_definitions(universe),
     )
 
 

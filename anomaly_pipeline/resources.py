@@ -3,7 +3,9 @@
 ``MONGODB_URI`` selects a real MongoDB (read through ``dg.EnvVar`` so the URI never lands in
 run config); without it, the local server under ``ANOMALY_PIPELINE_HOME`` is used.
 ``ANOMALY_PIPELINE_PRICE_SOURCE`` is ``files`` (default: the shipped sample, or the folder in
-``ANOMALY_PIPELINE_FILES_DIR``) or ``yfinance``.
+``ANOMALY_PIPELINE_FILES_DIR``) or ``yfinance``. ``ANOMALY_PIPELINE_KEEP_MODELS`` is how many
+model versions per market and interval the store keeps (default 5; versions that stored
+anomalies reference are kept as well).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from anomaly_pipeline.settings import (
 from anomaly_pipeline.storage.mongo import MongoResource
 
 PRICE_SOURCES = ("files", "yfinance")
+KEEP_MODELS_ENV_VAR = "ANOMALY_PIPELINE_KEEP_MODELS"
+DEFAULT_KEEP_MODELS = 5
 
 
 def build_mongo_resource() -> MongoResource:
@@ -46,10 +50,18 @@ def build_price_source() -> PriceSource:
     )
 
 
+def keep_model_versions() -> int:
+    text = os.environ.get(KEEP_MODELS_ENV_VAR, str(DEFAULT_KEEP_MODELS))
+    # Zero would let pruning delete the model that is serving right now.
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{KEEP_MODELS_ENV_VAR}={text!r} must be a whole number of at least 1")
+    return int(text)
+
+
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     mongo = build_mongo_resource()
     return {
         "mongo": mongo,
-        "model_store": ModelStoreResource(mongo=mongo),
+        "model_store": ModelStoreResource(mongo=mongo, keep_versions=keep_model_versions()),
         "price_source": build_price_source(),
     }

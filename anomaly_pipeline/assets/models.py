@@ -7,7 +7,6 @@ import sklearn
 from pydantic import Field
 
 from anomaly_pipeline.assets.features import features_asset_key
-from anomaly_pipeline.features import FEATURE_NAMES
 from anomaly_pipeline.modeling.model_store import ModelStoreResource
 from anomaly_pipeline.modeling.training import DEFAULT_FLAG_RATE, FOREST_PARAMS, train_model
 from anomaly_pipeline.storage.bar_store import BarStore
@@ -91,14 +90,27 @@ def build_model_asset(market: Market, interval: str) -> dg.AssetsDefinition:
             f"(sha256 {record['sha256'][:12]}); pruned {removed or 'nothing'}"
         )
         return dg.MaterializeResult(
-            metadata=model_metadata(record, is_new, store.records(market.name, interval)),
+            metadata=model_metadata(
+                record,
+                is_new,
+                store.records(market.name, interval),
+                keep_versions=model_store.keep_versions,
+                pruned=removed,
+            ),
             data_version=dg.DataVersion(record["sha256"]),
         )
 
     return model
 
 
-def model_metadata(record: dict, is_new: bool, history: list[dict]) -> dict:
+def model_metadata(
+    record: dict,
+    is_new: bool,
+    history: list[dict],
+    *,
+    keep_versions: int | None = None,
+    pruned: list[str] | None = None,
+) -> dict:
     window = record["training_window"]
     versions = pd.DataFrame(
         [
@@ -106,11 +118,17 @@ def model_metadata(record: dict, is_new: bool, history: list[dict]) -> dict:
                 "version": r["_id"],
                 "sha256": r["sha256"][:16],
                 "rows": r["training_rows"],
+                "threshold": round(r["threshold"], 6),
                 "created_at": r["created_at"].isoformat(),
             }
             for r in history
         ]
     )
+    retention = {}
+    if keep_versions is not None:
+        retention["keep_versions"] = dg.MetadataValue.int(keep_versions)
+    if pruned is not None:
+        retention["pruned_versions"] = dg.MetadataValue.json(list(pruned))
     return {
         "model_version": dg.MetadataValue.text(record["_id"]),
         "model_hash": dg.MetadataValue.text(record["sha256"]),
@@ -119,12 +137,22 @@ def model_metadata(record: dict, is_new: bool, history: list[dict]) -> dict:
         "training_rows": dg.MetadataValue.int(record["training_rows"]),
         "training_first_bar": dg.MetadataValue.timestamp(window["first_bar"]),
         "training_last_bar": dg.MetadataValue.timestamp(window["last_bar"]),
+        "training_requested": dg.MetadataValue.text(
+            f"{_iso_or(window['requested_start'], 'all history')} to "
+            f"{_iso_or(window['requested_end'], 'now')}"
+        ),
         "threshold": dg.MetadataValue.float(record["threshold"]),
         "flag_rate": dg.MetadataValue.float(record["flag_rate"]),
         "size_bytes": dg.MetadataValue.int(record["size_bytes"]),
-        "feature_names": dg.MetadataValue.json(list(FEATURE_NAMES)),
+        # The record's own list: the order the forest was fitted with, whatever the code says now.
+        "feature_names": dg.MetadataValue.json(list(record["feature_names"])),
         "params": dg.MetadataValue.json(record["params"]),
         "tickers": dg.MetadataValue.json(record["tickers"]),
         "kept_versions": dg.MetadataValue.md(versions.to_markdown(index=False)),
         "serving_sklearn": dg.MetadataValue.text(sklearn.__version__),
+        **retention,
     }
+
+
+def _iso_or(moment: object, missing: str) -> str:
+    return missing if moment is None else pd.Timestamp(moment).isoformat()
