@@ -7,6 +7,7 @@ import dagster as dg
 from anomaly_pipeline.assets.features import features_asset_key
 from anomaly_pipeline.assets.metadata import trigger_of, window_metadata
 from anomaly_pipeline.assets.models import model_asset_key
+from anomaly_pipeline.automation.state import DetectionState
 from anomaly_pipeline.features import FEATURE_NAMES
 from anomaly_pipeline.modeling.detection import detect
 from anomaly_pipeline.modeling.model_store import ModelStoreResource, ModelUnavailableError
@@ -71,10 +72,19 @@ def build_anomalies_asset(
             trigger=trigger_of(context.run.tags),
         )
         found = 0
-        for detection in detections:
+        for detection, bars in zip(detections, bars_by_window, strict=True):
             window = detection.window
             counts = anomaly_store.replace_window(
                 window.ticker, interval, window.start, window.end, detection.documents
+            )
+            # Only once the window's anomalies are replaced may its pending mark be cleared.
+            DetectionState(database).record_detection(
+                window,
+                scored_bars=bars,
+                model_version=model.version,
+                model_hash=model.sha256,
+                anomalies=len(detection.documents),
+                run_id=context.run.run_id,
             )
             found += len(detection.documents)
             context.add_asset_metadata(

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from anomaly_pipeline.assets.metadata import window_metadata
+from anomaly_pipeline.automation.state import DetectionState
 from anomaly_pipeline.intervals import interval_spec
 from anomaly_pipeline.partitions import BAR_BACKFILL_POLICY, bar_windows
 from anomaly_pipeline.prices.frames import PriceDataError
@@ -44,6 +45,7 @@ def build_prices_asset(
             f"from {price_source.name}"
         )
         store = BarStore(mongo.get_database())
+        detection_state = DetectionState(store.database)
         failures: list[PriceDataError] = []
         bar_total = 0
         for window, result in zip(windows, price_source.fetch(windows), strict=True):
@@ -59,6 +61,10 @@ def build_prices_asset(
                 empty_reason=result.empty_reason,
                 notes=result.notes,
             )
+            # After the write: a run killed in between finds the change when it runs again.
+            changed = detection_state.record_ingestion(
+                window, result.bars, run_id=context.run.run_id
+            )
             bar_total += len(result.bars)
             if result.empty_reason:
                 context.log.info(
@@ -71,6 +77,8 @@ def build_prices_asset(
                 **window_metadata(window),
                 "bars": dg.MetadataValue.int(len(result.bars)),
                 "source": dg.MetadataValue.text(price_source.name),
+                # False when the source returned exactly the stored bars: no detection needed.
+                "bars_changed": dg.MetadataValue.bool(changed),
             }
             if result.empty_reason:
                 metadata["empty_reason"] = dg.MetadataValue.text(result.empty_reason)
