@@ -10,6 +10,7 @@ import dagster as dg
 from anomaly_pipeline.assets import build_all_assets
 from anomaly_pipeline.automation import build_automation_definitions
 from anomaly_pipeline.resources import build_resources
+from anomaly_pipeline.traceability import build_traceability_definitions
 from anomaly_pipeline.universe import Universe, load_universe
 from anomaly_pipeline.verification import build_verification_definitions
 
@@ -19,6 +20,7 @@ def build_definitions(universe: Universe | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         dg.Definitions(assets=build_all_assets(universe), resources=build_resources()),
         build_automation_definitions(universe),
+        build_traceability_definitions(universe),
         build_verification_definitions(universe),
     )
 

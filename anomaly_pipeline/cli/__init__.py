@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from anomaly_pipeline.cli import anomalies, backfill, database, demo, models, status, verify
+from anomaly_pipeline.cli import anomalies, backfill, database, demo, models, runs, status, verify
 from anomaly_pipeline.cli.errors import CliError
 
-COMMAND_MODULES = (demo, anomalies, database, verify, models, backfill, status)
+COMMAND_MODULES = (demo, anomalies, database, verify, models, backfill, runs, status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
