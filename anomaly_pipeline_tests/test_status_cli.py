@@ -129,9 +129,15 @@ def test_status_reports_models_freshness_and_automation(
     text = capsys.readouterr().out
     assert mongo_uri not in text and "127.0.0.1" not in text
     assert "  SET      1h   SET-1h-1" in text
-    assert "ingest_set_1h_schedule           running " in text
-    assert "detect_us_sensor                 stopped " in text
-    assert "detect_set_sensor                running (default)" in text
+    states = {
+        line.split()[1]: " ".join(line.split()[2:])
+        for line in text.splitlines()
+        if line.startswith(("  schedule ", "  sensor "))
+    }
+    assert states["ingest_set_1h_schedule"].startswith("running 3 11-17 * * 1,2,3,4,5")
+    assert states["ingest_us_1d_schedule"].startswith("stopped (default) 30 16 * * 1,2,3,4,5")
+    assert states["detect_us_sensor"] == "stopped"
+    assert states["detect_set_sensor"] == "running (default)"
 
 
 def test_status_without_a_local_server_says_so(monkeypatch, tmp_path, capsys):
