@@ -12,6 +12,7 @@ from anomaly_pipeline.automation import build_automation_definitions
 from anomaly_pipeline.resources import build_resources
 from anomaly_pipeline.traceability import build_traceability_definitions
 from anomaly_pipeline.universe import Universe, load_universe
+from anomaly_pipeline.universe_assets import build_universe_definitions
 from anomaly_pipeline.verification import build_verification_definitions
 
 
@@ -22,6 +23,7 @@ def build_definitions(universe: Universe | None = None) -> dg.Definitions:
         build_automation_definitions(universe),
         build_traceability_definitions(universe),
         build_verification_definitions(universe),
+        build_universe_definitions(universe),
     )
 
 

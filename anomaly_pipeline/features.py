@@ -204,7 +204,7 @@ def _validate_values(bars: pd.DataFrame) -> None:
     else:
         column = "volume"
         rule = "volume must be finite and >= 0"
-    value = bars[column].iloc[row]
+    value = float(bars[column].iloc[row])
     raise ValueError(f"bar at {bars.index[row].isoformat()} has {column}={value!r}: {rule}")
 
 

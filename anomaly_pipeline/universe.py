@@ -23,9 +23,11 @@ PACKAGED_UNIVERSE = Path(__file__).parent / "config" / "sample_universe.yaml"
 UNIVERSE_ENV_VAR = "ANOMALY_PIPELINE_UNIVERSE"
 
 _MARKET_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-# Yahoo symbols: letters, digits and the punctuation Yahoo uses for suffixes and pairs.
-_TICKER = re.compile(r"^[A-Z0-9][A-Z0-9.\-^=]*$")
+# Yahoo symbols: letters, digits and the punctuation Yahoo uses for indexes (^GSPC), suffixes
+# (PTT.BK, BRK-B) and pairs (EURUSD=X).
+_TICKER = re.compile(r"^[A-Z0-9^][A-Z0-9.\-^=]*$")
 _MARKET_KEYS = {"timezone", "calendar", "intervals", "tickers", "ticker_suffix"}
+_FILE_KEYS = ("history_start", "markets")
 
 
 class UniverseError(ValueError):
@@ -85,7 +87,9 @@ def load_universe(path: Path | str | None = None) -> Universe:
 @lru_cache(maxsize=8)
 def _load_universe_cached(path: Path, _mtime_ns: int) -> Universe:
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
+        duplicates = _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     except FileNotFoundError:
         raise UniverseError(f"{path}: universe file not found") from None
     except yaml.YAMLError as exc:
@@ -94,13 +98,39 @@ def _load_universe_cached(path: Path, _mtime_ns: int) -> Universe:
         raise UniverseError(f"{path}: expected a top-level 'markets' mapping")
 
     errors: dict[str, str] = {}
+    # YAML keeps the last of two equal keys without a word; which entry was meant is unknown,
+    # so the entry that holds the repeated key is not loaded.
+    for key_path, lines in duplicates.items():
+        parts = key_path.split(".")
+        if parts == ["markets"]:
+            raise UniverseError(
+                f"{path}: markets is given {len(lines)} times (lines "
+                f"{', '.join(map(str, lines))}); keep one"
+            )
+        owner = parts[1] if parts[0] == "markets" else parts[0]
+        errors[owner] = (
+            f"{path}: {key_path} is given {len(lines)} times (lines "
+            f"{', '.join(map(str, lines))}); keep one"
+        )
+    for key in raw:
+        if key not in _FILE_KEYS:
+            errors[str(key)] = f"{path}: {key}: unknown key; expected {' and '.join(_FILE_KEYS)}"
     history_start = _parse_history_start(path, raw.get("history_start") or {}, errors)
 
     markets: dict[str, Market] = {}
     owner_of_ticker: dict[str, str] = {}
+    owner_of_prefix: dict[str, str] = {}
     for name, entry in raw["markets"].items():
+        if str(name) in errors:
+            continue
         try:
             market = _parse_market(path, str(name), entry)
+            # Asset keys and group names use the lower-case name: US and us would collide.
+            if market.key_prefix in owner_of_prefix:
+                raise UniverseError(
+                    f"{path}: markets.{name}: same name as markets."
+                    f"{owner_of_prefix[market.key_prefix]} apart from case"
+                )
             for ticker in market.tickers:
                 if ticker in owner_of_ticker:
                     raise UniverseError(
@@ -112,6 +142,7 @@ def _load_universe_cached(path: Path, _mtime_ns: int) -> Universe:
             continue
         markets[market.name] = market
         owner_of_ticker.update({ticker: market.name for ticker in market.tickers})
+        owner_of_prefix[market.key_prefix] = market.name
 
     return Universe(path=path, markets=markets, history_start=history_start, errors=errors)
 
@@ -123,17 +154,24 @@ def _parse_history_start(
     if not isinstance(raw, dict):
         errors["history_start"] = f"{path}: history_start: expected a mapping of interval to date"
         return starts
+    problems = []
     for interval, value in raw.items():
         if interval not in INTERVALS:
-            errors["history_start"] = (
+            problems.append(
                 f"{path}: history_start.{interval}: unknown interval; expected one of "
                 f"{', '.join(INTERVALS)}"
             )
             continue
         try:
-            starts[interval] = pd.Timestamp(str(value))
+            start = pd.Timestamp(str(value))
         except ValueError:
-            errors["history_start"] = f"{path}: history_start.{interval}: {value!r} is not a date"
+            start = pd.NaT
+        if start is pd.NaT:
+            problems.append(f"{path}: history_start.{interval}: {value!r} is not a date")
+            continue
+        starts[interval] = start
+    if problems:
+        errors["history_start"] = "; ".join(filter(None, [errors.get("history_start"), *problems]))
     return starts
 
 
@@ -166,7 +204,7 @@ def _parse_market(path: Path, name: str, entry: object) -> Market:
     if not isinstance(intervals, list) or not intervals:
         raise UniverseError(f"{where}.intervals: expected a non-empty list such as [15m, 1h, 1d]")
     for interval in intervals:
-        if interval not in INTERVALS:
+        if not isinstance(interval, str) or interval not in INTERVALS:
             raise UniverseError(
                 f"{where}.intervals: unknown interval {interval!r}; expected {', '.join(INTERVALS)}"
             )
@@ -175,6 +213,8 @@ def _parse_market(path: Path, name: str, entry: object) -> Market:
     if not isinstance(tickers, list) or not tickers:
         raise UniverseError(f"{where}.tickers: expected a non-empty list of symbols")
     suffix = entry.get("ticker_suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise UniverseError(f"{where}.ticker_suffix: expected text such as '.BK'")
     seen: set[str] = set()
     for ticker in tickers:
         if not isinstance(ticker, str) or not _TICKER.match(ticker):
@@ -182,6 +222,9 @@ def _parse_market(path: Path, name: str, entry: object) -> Market:
                 f"{where}.tickers: {ticker!r} is not a Yahoo symbol (upper-case letters, digits, "
                 "'.', '-', '^', '=')"
             )
+        if "..." in ticker:
+            # Dagster reads '...' in a partition key as a range: A...B would break every asset.
+            raise UniverseError(f"{where}.tickers: {ticker!r} holds '...', which Yahoo never uses")
         if suffix and not ticker.endswith(suffix):
             raise UniverseError(f"{where}.tickers: {ticker} lacks the market suffix {suffix!r}")
         if ticker in seen:
@@ -195,3 +238,19 @@ def _parse_market(path: Path, name: str, entry: object) -> Market:
         intervals=tuple(dict.fromkeys(intervals)),
         tickers=tuple(tickers),
     )
+
+
+def _duplicate_keys(node: yaml.Node | None, prefix: str = "") -> dict[str, list[int]]:
+    """Dotted paths of mapping keys given more than once, with the 1-based line of each."""
+    found: dict[str, list[int]] = {}
+    if isinstance(node, yaml.MappingNode):
+        lines_by_key: dict[str, list[int]] = {}
+        for key_node, value_node in node.value:
+            key_path = f"{prefix}{key_node.value}"
+            lines_by_key.setdefault(key_path, []).append(key_node.start_mark.line + 1)
+            found.update(_duplicate_keys(value_node, f"{key_path}."))
+        found.update({key: lines for key, lines in lines_by_key.items() if len(lines) > 1})
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found.update(_duplicate_keys(item, prefix))
+    return found

@@ -69,14 +69,18 @@ def build_anomalies_asset(
                 bar_store.read_bars(window.ticker, interval, window.start, window.end)
             )
 
-        detections = detect(
-            model,
-            windows,
-            features_by_window,
-            bars_by_window,
-            run_id=context.run.run_id,
-            trigger=trigger_of(context.run.tags),
-        )
+        try:
+            detections = detect(
+                model,
+                windows,
+                features_by_window,
+                bars_by_window,
+                run_id=context.run.run_id,
+                trigger=trigger_of(context.run.tags),
+            )
+        except ValueError as exc:
+            # Raised before any write: every stored anomaly of the run's partitions is kept.
+            raise dg.Failure(f"{market.name} {interval} anomalies: {exc}") from exc
         found = 0
         charted = partitions_to_chart(detections, MAX_CHARTS_PER_STEP)
         for detection, bars in zip(detections, bars_by_window, strict=True):

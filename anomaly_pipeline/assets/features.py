@@ -2,8 +2,10 @@
 
 import dagster as dg
 import pandas as pd
+from pymongo.errors import PyMongoError
 
 from anomaly_pipeline.assets.metadata import window_metadata
+from anomaly_pipeline.assets.partial_failure import fail_after_storing
 from anomaly_pipeline.assets.prices import prices_asset_key
 from anomaly_pipeline.features import LOOKBACK_BARS, compute_features
 from anomaly_pipeline.partitions import (
@@ -60,33 +62,35 @@ def build_features_asset(
         store = BarStore(mongo.get_database())
         windows = bar_windows(partitions_def, context.partition_keys, market, interval)
         row_total = warmup_total = 0
+        stored: dict[str, dict[str, dg.MetadataValue]] = {}
         for window in windows:
-            bars = store.read_bars(window.ticker, interval, window.start, window.end)
-            history = store.bars_before(window.ticker, interval, window.start, LOOKBACK_BARS)
+            where = f"{window.ticker} {interval} partition {window.partition_key}"
             try:
+                bars = store.read_bars(window.ticker, interval, window.start, window.end)
+                history = store.bars_before(window.ticker, interval, window.start, LOOKBACK_BARS)
                 result = compute_features(pd.concat([history, bars]), start=window.start)
+                store.write_features(
+                    window,
+                    result.features,
+                    warmup_excluded=result.warmup_excluded,
+                    run_id=context.run.run_id,
+                )
             except ValueError as exc:
-                raise dg.Failure(
-                    f"{window.ticker} {interval} partition {window.partition_key}: {exc}"
-                ) from exc
-            store.write_features(
-                window,
-                result.features,
-                warmup_excluded=result.warmup_excluded,
-                run_id=context.run.run_id,
-            )
+                fail_after_storing(context, stored, [f"{where}: {exc}"], planned=len(windows))
+            except PyMongoError as exc:
+                problem = f"{where}: MongoDB failed the read or write ({type(exc).__name__}: {exc})"
+                fail_after_storing(context, stored, [problem], planned=len(windows))
             row_total += len(result.features)
             warmup_total += result.warmup_excluded
-            context.add_asset_metadata(
-                {
-                    **window_metadata(window),
-                    "bars": dg.MetadataValue.int(len(bars)),
-                    "feature_rows": dg.MetadataValue.int(len(result.features)),
-                    "warmup_excluded": dg.MetadataValue.int(result.warmup_excluded),
-                    "history_bars_used": dg.MetadataValue.int(len(history)),
-                },
-                partition_key=window.partition_key,
-            )
+            metadata = {
+                **window_metadata(window),
+                "bars": dg.MetadataValue.int(len(bars)),
+                "feature_rows": dg.MetadataValue.int(len(result.features)),
+                "warmup_excluded": dg.MetadataValue.int(result.warmup_excluded),
+                "history_bars_used": dg.MetadataValue.int(len(history)),
+            }
+            context.add_asset_metadata(metadata, partition_key=window.partition_key)
+            stored[window.partition_key] = metadata
         context.log.info(
             f"computed {row_total} feature rows for {len(windows)} partition(s); "
             f"{warmup_total} warm-up bar(s) excluded"

@@ -4,11 +4,16 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import sklearn
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from anomaly_pipeline.assets.features import features_asset_key
 from anomaly_pipeline.modeling.model_store import ModelStoreResource
-from anomaly_pipeline.modeling.training import DEFAULT_FLAG_RATE, FOREST_PARAMS, train_model
+from anomaly_pipeline.modeling.training import (
+    DEFAULT_FLAG_RATE,
+    FOREST_PARAMS,
+    MIN_TRAINING_ROWS,
+    train_model,
+)
 from anomaly_pipeline.storage.bar_store import BarStore
 from anomaly_pipeline.universe import Market
 
@@ -28,6 +33,57 @@ class ModelTrainingConfig(dg.Config):
         default=2_000_000,
         description="Above this, evenly spaced rows are kept (deterministic) to bound memory.",
     )
+
+    # Checked when the run starts, before any feature is read: a typo in run config should fail
+    # in seconds with the field's name, not after minutes of reading or as a pandas traceback.
+    @field_validator("train_start", "train_end")
+    @classmethod
+    def _iso_date(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is not None:
+            _utc_timestamp(text, info.field_name)
+        return text
+
+    @field_validator("flag_rate")
+    @classmethod
+    def _rate_in_range(cls, rate: float) -> float:
+        if not 0 < rate < 0.5:
+            raise ValueError(f"flag_rate must be more than 0 and less than 0.5, got {rate}")
+        return rate
+
+    @field_validator("max_training_rows")
+    @classmethod
+    def _enough_rows(cls, rows: int) -> int:
+        if rows < MIN_TRAINING_ROWS:
+            raise ValueError(f"max_training_rows must be at least {MIN_TRAINING_ROWS}, got {rows}")
+        return rows
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> "ModelTrainingConfig":
+        start, end = self.training_bounds()
+        if start is not None and end is not None and start >= end:
+            raise ValueError(
+                f"train_start ({self.train_start}) must be before train_end ({self.train_end})"
+            )
+        return self
+
+    def training_bounds(self) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+        """The requested training window in UTC; a date without a zone is read as UTC."""
+        return (
+            _utc_timestamp(self.train_start, "train_start") if self.train_start else None,
+            _utc_timestamp(self.train_end, "train_end") if self.train_end else None,
+        )
+
+
+def _utc_timestamp(text: str, field_name: str) -> pd.Timestamp:
+    try:
+        moment = pd.Timestamp(text)
+    except ValueError:
+        moment = pd.NaT
+    if moment is pd.NaT:
+        raise ValueError(
+            f"{field_name} must be an ISO date or date-time such as 2024-01-31, got {text!r}"
+        )
+    return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
 
 
 def model_asset_key(market: Market, interval: str) -> dg.AssetKey:
@@ -54,8 +110,7 @@ def build_model_asset(market: Market, interval: str) -> dg.AssetsDefinition:
         model_store: ModelStoreResource,
     ) -> dg.MaterializeResult:
         store = model_store.store()
-        start = pd.Timestamp(config.train_start, tz="UTC") if config.train_start else None
-        end = pd.Timestamp(config.train_end, tz="UTC") if config.train_end else None
+        start, end = config.training_bounds()
         features = BarStore(store.database).read_features(market.tickers, interval, start, end)
         if len(features) > config.max_training_rows:
             keep = np.linspace(0, len(features) - 1, config.max_training_rows).round().astype(int)

@@ -1,8 +1,10 @@
 """Price bars per ticker and window, fetched from the configured source into MongoDB."""
 
 import dagster as dg
+from pymongo.errors import PyMongoError
 
 from anomaly_pipeline.assets.metadata import window_metadata
+from anomaly_pipeline.assets.partial_failure import fail_after_storing
 from anomaly_pipeline.automation.state import DetectionState
 from anomaly_pipeline.intervals import interval_spec
 from anomaly_pipeline.partitions import BAR_BACKFILL_POLICY, bar_windows
@@ -47,24 +49,46 @@ def build_prices_asset(
         store = BarStore(mongo.get_database())
         detection_state = DetectionState(store.database)
         failures: list[PriceDataError] = []
+        database_failure: str | None = None
+        stored: dict[str, dict[str, dg.MetadataValue]] = {}
         bar_total = 0
-        for window, result in zip(windows, price_source.fetch(windows), strict=True):
+        try:
+            results = price_source.fetch(windows)
+        except Exception as exc:
+            # A source reports a bad window as a PriceDataError; an exception here is an outage
+            # or a bug in the source, and nothing has been written yet.
+            raise dg.Failure(
+                f"{price_source.name} raised while fetching {len(windows)} {market.name} "
+                f"{interval} partition(s), {windows[0].partition_key} to "
+                f"{windows[-1].partition_key}: {type(exc).__name__}: {exc}; nothing was stored"
+            ) from exc
+        for window, result in zip(windows, results, strict=True):
             if isinstance(result, PriceDataError):
                 context.log.error(str(result))
                 failures.append(result)
                 continue
-            store.write_bars(
-                window,
-                result.bars,
-                run_id=context.run.run_id,
-                source=price_source.name,
-                empty_reason=result.empty_reason,
-                notes=result.notes,
-            )
-            # After the write: a run killed in between finds the change when it runs again.
-            changed = detection_state.record_ingestion(
-                window, result.bars, run_id=context.run.run_id
-            )
+            try:
+                store.write_bars(
+                    window,
+                    result.bars,
+                    run_id=context.run.run_id,
+                    source=price_source.name,
+                    empty_reason=result.empty_reason,
+                    notes=result.notes,
+                )
+                # After the write: a run killed in between finds the change when it runs again.
+                changed = detection_state.record_ingestion(
+                    window, result.bars, run_id=context.run.run_id
+                )
+            except PyMongoError as exc:
+                # Every later write would wait out the same timeout, so stop at the first.
+                database_failure = (
+                    f"{window.ticker} {interval} partition {window.partition_key}: MongoDB "
+                    f"refused or did not answer the write ({type(exc).__name__}: {exc}); this "
+                    "and the later partitions of the run were not written"
+                )
+                context.log.error(database_failure)
+                break
             bar_total += len(result.bars)
             if result.empty_reason:
                 context.log.info(
@@ -94,19 +118,20 @@ def build_prices_asset(
                     "\n".join(f"- {n}" for n in result.notes)
                 )
             context.add_asset_metadata(metadata, partition_key=window.partition_key)
+            stored[window.partition_key] = metadata
 
         context.log.info(
-            f"stored {bar_total} bars in {len(windows) - len(failures)} partition(s); "
-            f"{len(failures)} failed"
+            f"stored {bar_total} bars in {len(stored)} partition(s); "
+            f"{len(windows) - len(stored)} not stored"
         )
-        if failures:
-            raise dg.Failure(
-                description=(
-                    f"{len(failures)} of {len(windows)} {market.name} {interval} partition(s) "
-                    "could not be fetched; the others were stored:\n"
-                    + "\n".join(str(f) for f in failures)
-                ),
-                allow_retries=any(f.__class__.__name__ == "RateLimitedError" for f in failures),
+        if failures or database_failure:
+            fail_after_storing(
+                context,
+                stored,
+                [str(f) for f in failures] + ([database_failure] if database_failure else []),
+                planned=len(windows),
+                allow_retries=database_failure is not None
+                or any(f.__class__.__name__ == "RateLimitedError" for f in failures),
             )
 
     return prices

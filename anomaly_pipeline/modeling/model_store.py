@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import warnings
 from dataclasses import dataclass
 
 import dagster as dg
@@ -17,9 +18,12 @@ import gridfs
 import joblib
 import pandas as pd
 import sklearn
+from pydantic import Field
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
+from sklearn.exceptions import InconsistentVersionWarning
 
+from anomaly_pipeline.features import FEATURE_NAMES
 from anomaly_pipeline.modeling.training import TrainedModel
 from anomaly_pipeline.storage.mongo import ANOMALIES, MODEL_BLOBS, MODELS, MongoResource, bson_safe
 
@@ -51,7 +55,8 @@ def model_version_id(market: str, interval: str, sequence: int) -> str:
 
 
 # Models loaded by this process, keyed by (market, interval, sha256, scikit-learn version).
-_LOADED: dict[tuple[str, str, str, str], ServedModel] = {}
+# The record is not cached with them: the same bytes can be stored under two versions.
+_LOADED: dict[tuple[str, str, str, str], dict] = {}
 _LOADED_LOCK = threading.Lock()
 
 
@@ -147,15 +152,21 @@ class ModelStore:
         """The model behind ``record``, loaded at most once per process."""
         key = (record["market"], record["interval"], record["sha256"], record["sklearn_version"])
         with _LOADED_LOCK:
-            served = _LOADED.get(key)
-        if served is not None:
-            return served
+            artifact = _LOADED.get(key)
+        if artifact is not None:
+            return ServedModel(record=record, artifact=artifact)
 
         if record["sklearn_version"] != sklearn.__version__:
             raise ModelUnavailableError(
                 f"model {record['_id']} was written by scikit-learn "
                 f"{record['sklearn_version']} and "
                 f"this process runs {sklearn.__version__}; retrain it by materializing the "
+                f"{record['market'].lower()}/{record['interval']}/model asset"
+            )
+        if sorted(record["feature_names"]) != sorted(FEATURE_NAMES):
+            raise ModelUnavailableError(
+                f"model {record['_id']} was trained on features {record['feature_names']}, not "
+                f"the {len(FEATURE_NAMES)} this code computes; retrain it by materializing the "
                 f"{record['market'].lower()}/{record['interval']}/model asset"
             )
         try:
@@ -168,10 +179,34 @@ class ModelStore:
                 f"refusing to load model {record['_id']}: its bytes hash to {digest}, "
                 f"not the recorded {record['sha256']}"
             )
-        served = ServedModel(record=record, artifact=joblib.load(io.BytesIO(model_bytes)))
+        artifact = _unpickle_same_version(record, model_bytes)
         with _LOADED_LOCK:
-            _LOADED[key] = served
-        return served
+            _LOADED[key] = artifact
+        return ServedModel(record=record, artifact=artifact)
+
+
+def _unpickle_same_version(record: dict, model_bytes: bytes) -> dict:
+    """The artifact in ``model_bytes``, refused if scikit-learn says another version wrote it.
+
+    The record's ``sklearn_version`` is checked before this; the pickle's own stamp is checked
+    here too, so a record that disagrees with its bytes cannot slip an old forest through with
+    no more than a warning.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InconsistentVersionWarning)
+        artifact = joblib.load(io.BytesIO(model_bytes))
+    for warning in caught:
+        if issubclass(warning.category, InconsistentVersionWarning):
+            raise ModelUnavailableError(
+                f"model {record['_id']} was pickled by scikit-learn "
+                f"{warning.message.original_sklearn_version} although its record says "
+                f"{record['sklearn_version']}; this process runs {sklearn.__version__}; retrain "
+                f"it by materializing the {record['market'].lower()}/{record['interval']}/model "
+                "asset"
+            )
+        # Anything else joblib warned about is passed on unchanged.
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return artifact
 
 
 def forget_loaded_models(market: str, interval: str) -> None:
@@ -185,7 +220,9 @@ class ModelStoreResource(dg.ConfigurableResource):
     """Serves each market's current model, loading each model once per process."""
 
     mongo: MongoResource
-    keep_versions: int = 5
+    keep_versions: int = Field(
+        default=5, ge=1, description="Model versions kept per market and interval."
+    )
 
     def store(self) -> ModelStore:
         return ModelStore(self.mongo.get_database())

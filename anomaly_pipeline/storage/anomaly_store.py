@@ -20,11 +20,16 @@ from anomaly_pipeline.failpoints import failpoint
 from anomaly_pipeline.storage.mongo import ANOMALIES, bson_safe
 
 _DUPLICATE_KEY = 11000
+# Set by the store itself, never taken from a caller's document.
+_TIMESTAMP_FIELDS = ("created_at", "updated_at")
+
+
+ANOMALY_ID_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def anomaly_id(ticker: str, interval: str, timestamp: pd.Timestamp) -> str:
     """``TICKER|interval|bar start in UTC``, e.g. ``AAPL|15m|2024-03-08T14:30:00Z``."""
-    stamp = pd.Timestamp(timestamp).tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = pd.Timestamp(timestamp).tz_convert("UTC").strftime(ANOMALY_ID_TIME_FORMAT)
     return f"{ticker}|{interval}|{stamp}"
 
 
@@ -46,13 +51,19 @@ class AnomalyStore:
         """
         # One document per _id even if a caller passes the same bar twice: the last one wins.
         by_id = {document["_id"]: document for document in documents}
-        now = pd.Timestamp.now(tz="UTC")
+        now = bson_safe(pd.Timestamp.now(tz="UTC"))
+        # Writers racing on one bar read their clocks before writing and may land in either
+        # order: $min and $max keep created_at the earliest time and updated_at the latest, so
+        # created_at <= updated_at whoever lands last.
         operations = [
             UpdateOne(
                 {"_id": document_id},
                 {
-                    "$set": bson_safe({**document, "updated_at": now}),
-                    "$setOnInsert": bson_safe({"created_at": now}),
+                    "$set": bson_safe(
+                        {k: v for k, v in document.items() if k not in _TIMESTAMP_FIELDS}
+                    ),
+                    "$min": {"created_at": now},
+                    "$max": {"updated_at": now},
                 },
                 upsert=True,
             )

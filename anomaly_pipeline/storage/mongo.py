@@ -19,6 +19,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pymongo
+from bson import ObjectId
 from bson.codec_options import CodecOptions
 from pydantic import Field
 from pymongo.database import Database
@@ -77,6 +78,9 @@ class MongoResource(dg.ConfigurableResource):
         return database
 
     def resolved_uri(self) -> str:
+        if isinstance(self.uri, dg.EnvVar):
+            # Inside a run Dagster resolves the variable; outside (the CLI) this does.
+            return self.uri.get_value()
         if self.uri:
             return self.uri
         home = Path(self.home) if self.home else pipeline_home()
@@ -115,39 +119,97 @@ def bson_safe(value: Any) -> Any:
     """``value`` with numpy, pandas and float edge cases turned into plain BSON types.
 
     NaN, NaT and pandas NA become None (stored as null) on purpose: a missing value must read as
-    missing, never as a number. Datetimes come out tz-aware in UTC.
+    missing, never as a number. numpy integers, floats and booleans become Python ones; mappings,
+    lists, tuples and arrays are converted element by element. Datetimes come out tz-aware in UTC,
+    truncated to the milliseconds BSON holds. Refused with ValueError naming the field: naive
+    datetimes (their zone is unknown), infinite numbers, integers beyond 64 bits and any other
+    type (timedeltas, sets, objects), which would otherwise be stored as something else or fail
+    inside pymongo with a message that names no field.
     """
-    if value is None or isinstance(value, (str, bool)):
+    return _bson_value(value, "")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _bson_value(value: Any, path: str) -> Any:
+    # bool before int (bool is an int); NaT before datetime (NaT is a datetime).
+    if value is None or isinstance(value, (str, bool, ObjectId, bytes)):
         return value
-    if isinstance(value, Mapping):
-        return {str(key): bson_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [bson_safe(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return [bson_safe(item) for item in value.tolist()]
     if value is pd.NaT or value is pd.NA:
         return None
+    if isinstance(value, Mapping):
+        return {
+            str(key): _bson_value(item, f"{path}.{key}" if path else str(key))
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_bson_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return _bson_array(value, path)
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, (int, np.integer)):
-        return int(value)
+        number = int(value)
+        if not _INT64_MIN <= number <= _INT64_MAX:
+            raise ValueError(f"refusing to store {number}{_at(path)}: BSON integers hold 64 bits")
+        return number
     if isinstance(value, (float, np.floating)):
         number = float(value)
-        return None if math.isnan(number) else number
-    if isinstance(value, pd.Timestamp):
-        return _utc_datetime(value.to_pydatetime())
-    if isinstance(value, np.datetime64):
-        return bson_safe(pd.Timestamp(value))
+        if math.isnan(number):
+            return None
+        if math.isinf(number):
+            raise ValueError(f"refusing to store {number}{_at(path)}: not a finite number")
+        return number
+    if isinstance(value, (pd.Timestamp, np.datetime64)):
+        moment = pd.Timestamp(value)
+        if moment is pd.NaT:
+            return None
+        if moment.tzinfo is None:
+            raise ValueError(_naive_message(moment, path))
+        # Truncate in UTC: flooring wall time in a zone with DST can hit an ambiguous hour.
+        return moment.tz_convert("UTC").floor("ms").to_pydatetime()
     if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            raise ValueError(_naive_message(value, path))
         return _utc_datetime(value)
     if isinstance(value, dt.date):
         return dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
-    return value
+    raise ValueError(
+        f"refusing to store a {type(value).__name__}{_at(path)}: BSON has no such type; convert "
+        "it to a number, string, list or UTC datetime first"
+    )
+
+
+def _bson_array(values: np.ndarray, path: str) -> Any:
+    if values.ndim == 0:
+        return _bson_value(values.item(), path)
+    if values.ndim > 1:
+        return [_bson_array(row, f"{path}[{i}]") for i, row in enumerate(values)]
+    if values.dtype.kind == "f":
+        # Whole-array checks first: feature and price arrays hold thousands of numbers.
+        infinite = np.isinf(values)
+        if infinite.any():
+            first = int(np.flatnonzero(infinite)[0])
+            raise ValueError(
+                f"refusing to store {values[first]}{_at(f'{path}[{first}]')}: not a finite number"
+            )
+        return [None if math.isnan(number) else number for number in values.tolist()]
+    if values.dtype.kind == "b":
+        return values.tolist()
+    # Integers, datetimes and objects one by one, so each gets the checks above.
+    return [_bson_value(item, f"{path}[{i}]") for i, item in enumerate(values)]
+
+
+def _naive_message(moment: dt.datetime, path: str) -> str:
+    return f"refusing to store naive datetime {moment.isoformat()}{_at(path)}: zone unknown"
+
+
+def _at(path: str) -> str:
+    return f" at {path}" if path else ""
 
 
 def _utc_datetime(moment: dt.datetime) -> dt.datetime:
-    if moment.tzinfo is None:
-        raise ValueError(f"refusing to store naive datetime {moment.isoformat()}: zone unknown")
     # BSON dates hold milliseconds; truncate explicitly so what is read back equals what was meant.
     moment = moment.astimezone(dt.timezone.utc)
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
