@@ -6,6 +6,7 @@ Each command group lives in its own module, which adds its sub-commands with ``r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
