@@ -174,6 +174,16 @@ def features_from_document(document: dict) -> pd.DataFrame:
 
 
 def _encode_columns(frame: pd.DataFrame, columns: Sequence[str]) -> dict:
+    # Binary columns bypass bson_safe, so the finiteness it would enforce is checked here.
+    for column in columns:
+        values = frame[column].to_numpy(dtype="float64")
+        finite = np.isfinite(values)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            raise ValueError(
+                f"refusing to store {column}={values[row]} at {frame.index[row].isoformat()}: "
+                "not a finite number"
+            )
     return {
         "encoding": COLUMN_ENCODING,
         "timestamps": Binary(frame.index.asi8.astype("<i8").tobytes()),
