@@ -13,8 +13,10 @@ run of consecutive tickers become one rectangle of partitions (one window of all
 one ticker's consecutive windows, or both), cut to at most ``MAX_PARTITIONS_PER_RUN`` each.
 Each request's run key is derived from the partitions and their change tokens, so a tick
 evaluated twice launches once, and the cursor remembers what was requested so the next tick
-asks only for what is new. A request whose run ended while its windows are still pending (the
-run failed or was killed) is made again, up to ``MAX_ATTEMPTS`` times in all.
+asks only for what is new. A request whose run ended while its windows are still pending is
+made again, up to ``MAX_ATTEMPTS`` times in all: the run failed, or its worker died and Dagster's
+run monitoring (when enabled in the instance) failed it after ``DETECTION_MAX_RUNTIME_SECONDS``.
+Windows still pending after that stay visible in ``anomaly-pipeline status``.
 
 One sensor per market, not one per market and interval or one overall: a market is what an
 operator turns off (its source is down, its exchange is closed for a week), its tick history
@@ -38,6 +40,7 @@ import dagster as dg
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
+    MAX_RUNTIME_SECONDS_TAG,
     RUN_KEY_TAG,
     SENSOR_NAME_TAG,
 )
@@ -55,6 +58,7 @@ from anomaly_pipeline.universe import Market, Universe
 
 MAX_ATTEMPTS = 3
 MINIMUM_INTERVAL_SECONDS = 60
+DETECTION_MAX_RUNTIME_SECONDS = 3600
 _FINISHED = (
     dg.DagsterRunStatus.SUCCESS,
     dg.DagsterRunStatus.FAILURE,
@@ -382,7 +386,12 @@ class MarketDetectionPlanner:
         return requests, requested
 
     def _run_request(self, interval: str, first: str, last: str, run_key: str) -> dg.RunRequest:
-        tags = {"anomaly_pipeline/trigger": "changed bars or model"}
+        tags = {
+            "anomaly_pipeline/trigger": "changed bars or model",
+            # With run monitoring on, a run whose worker died is failed after this long, and
+            # a failed run's windows are requested again on the next tick.
+            MAX_RUNTIME_SECONDS_TAG: str(DETECTION_MAX_RUNTIME_SECONDS),
+        }
         if first == last:
             return dg.RunRequest(
                 run_key=run_key,
