@@ -332,6 +332,7 @@ def test_backfill_through_dagster_dev_matches_one_partition_runs(
 
     try:
         with dagster_dev(backfill_env, env) as server:
+            _stop_detection_sensors(DagsterWebserver(server.url))
             code = main(
                 [
                     "backfill", "--market", "US", "--interval", "1d", "--window", "5y",
@@ -342,7 +343,10 @@ def test_backfill_through_dagster_dev_matches_one_partition_runs(
             assert code == 0, out
             backfill_id = re.search(r"Launched backfill (\w+)", out).group(1)
             runs = _backfill_runs(DagsterWebserver(server.url), backfill_id)
-        _check_backfill(out, runs, backfill_mongo.get_database())
+            _check_backfill(out, runs, backfill_mongo.get_database())
+            _check_failed_backfill_exits_non_zero_naming_the_partitions(
+                server.url, backfill_env / "bars", capsys
+            )
         _check_same_anomalies_as_one_partition_runs(
             backfill_mongo.get_database(), mongo, instance, backfill_env / "bars"
         )
@@ -385,6 +389,35 @@ def _check_backfill(out: str, runs: list[dict], database) -> None:
         assert stored[key]["bar_count"] == len(expected)
         pd.testing.assert_frame_equal(bars_from_document(stored[key]), expected, check_freq=False)
     assert sorted(doc["partition_key"] for doc in database[BAR_FEATURES].find()) == sorted(included)
+
+
+def _check_failed_backfill_exits_non_zero_naming_the_partitions(
+    url: str, bars_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The webserver's source cannot deliver a ticker whose file went missing: as from the UI,
+    the run fails, and the command exits non-zero, naming each partition and the reason."""
+    bar_file = bars_dir / f"{TICKERS[0]}_1d.parquet"
+    bar_file.rename(bar_file.with_suffix(".hidden"))
+    try:
+        code = main(
+            [
+                "backfill", "--market", "US", "--interval", "1d", "--window", "5y",
+                "--assets", "prices", "--url", url, "--poll-seconds", "2",
+            ]
+        )  # fmt: skip
+    finally:
+        bar_file.with_suffix(".hidden").rename(bar_file)
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "ended COMPLETED_FAILED: 2 of 5 partitions done, 3 failed; 2 run(s), 1 failed" in (
+        captured.err
+    )
+    for year in (2024, 2025, 2026):
+        assert (
+            f"{TICKERS[0]} 1d partition {TICKERS[0]}|{year} [{year}-01-01T05:00:00+00:00, "
+            f"{year + 1}-01-01T05:00:00+00:00): no file {TICKERS[0]}_1d.csv or .parquet in "
+            f"{bars_dir}" in captured.err
+        )
 
 
 def _check_same_anomalies_as_one_partition_runs(
@@ -430,6 +463,39 @@ def _check_same_anomalies_as_one_partition_runs(
         backfill_model["sha256"]
         == ModelStore(mongo.get_database()).current_record("US", "1d")["sha256"]
     )
+
+
+_SENSORS = """
+query Sensors {
+  workspaceOrError {
+    ... on Workspace {
+      locationEntries {
+        locationOrLoadError {
+          ... on RepositoryLocation { repositories { sensors { id name } } }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+def _stop_detection_sensors(webserver: DagsterWebserver) -> None:
+    """The detection sensors also score partitions whose bars were just stored; stopped here so
+    that every anomaly comes from the backfill under test."""
+    answer = webserver.graphql(_SENSORS, {})
+    sensors = [
+        sensor
+        for entry in answer["workspaceOrError"]["locationEntries"]
+        for repository in (entry["locationOrLoadError"] or {}).get("repositories", [])
+        for sensor in repository["sensors"]
+        if sensor["name"].startswith("detect_")
+    ]
+    for sensor in sensors:
+        result = webserver.graphql(
+            "mutation($id: String!) { stopSensor(id: $id) { __typename } }", {"id": sensor["id"]}
+        )
+        assert result["stopSensor"]["__typename"] == "StopSensorMutationResult"
 
 
 _BACKFILL_RUNS = """

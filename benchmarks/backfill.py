@@ -12,6 +12,9 @@ backfills prices and features, trains the model, and backfills anomalies:
   daemon), one partition backfill launched through GraphQL as ``anomaly-pipeline backfill``
   does, followed to the end. Reports the runs Dagster launched; database time is not separable
   here because runs execute in their own processes, two at a time.
+* ``--through dagster-dev-queued``: the same launch with the run queue closed, so nothing
+  executes: lists the runs the backfill daemon creates for the first stage (how it cuts the
+  partitions), then cancels the backfill. Takes minutes where a full run takes hours.
 
 Then it times the pure computation on the same bars, in memory: ``compute_features`` per
 partition with the same history the asset reads, and scoring with the trained model in the same
@@ -97,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tickers", type=int, default=1000)
     parser.add_argument("--years", type=int, default=10, help="yearly windows, current included")
-    parser.add_argument("--through", choices=["in-process", "dagster-dev"], default="in-process")
+    parser.add_argument(
+        "--through",
+        choices=["in-process", "dagster-dev", "dagster-dev-queued"],
+        default="in-process",
+    )
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp folder)")
     parser.add_argument(
         "--skip-checks",
@@ -162,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             f"partitions, {bar_total:,} daily bars (files written in {generation_seconds:.1f} s)",
             flush=True,
         )
+        if args.through == "dagster-dev-queued":
+            print_first_runs(plan, workdir)
+            return 0
         if args.through == "in-process":
             figures = backfill_in_process(
                 universe, plan, bars_dir, with_checks=not args.skip_checks
@@ -341,6 +351,69 @@ def backfill_through_dagster_dev(plan, workdir: Path) -> BackfillFigures:
     if not progress.succeeded:
         print(f"  the backfill ended {progress.status}; see {server.log_path}", flush=True)
     return figures
+
+
+_BACKFILL_RUNS = """
+query BackfillRuns($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    ... on PartitionBackfill {
+      runs(limit: 100000) { status assetSelection { path } tags { key value } }
+    }
+  }
+}
+"""
+
+
+def print_first_runs(plan, workdir: Path, settle_seconds: float = 100.0) -> None:
+    """Launch with no run allowed to start and list the runs the daemon queues for the roots."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
+
+    from anomaly_pipeline.backfills.webserver import DagsterWebserver
+    from anomaly_pipeline.cli.backfill import launch
+    from anomaly_pipeline_tests.dagster_dev import dagster_dev
+
+    with dagster_dev(workdir, dict(os.environ), max_concurrent_runs=0) as server:
+        webserver = DagsterWebserver(server.url)
+        backfill_id = launch(webserver, plan)
+        launched = time.monotonic()
+        runs: list = []
+        changed = time.monotonic()
+        # The daemon submits the root runs over its next iterations (every 30 s); later stages
+        # wait for the first, which never runs here. Stop once the count stays put.
+        while time.monotonic() - launched < 900 and (
+            not runs or time.monotonic() - changed < settle_seconds
+        ):
+            time.sleep(5)
+            answer = webserver.graphql(_BACKFILL_RUNS, {"id": backfill_id})
+            if len(answer["partitionBackfillOrError"]["runs"]) != len(runs):
+                runs, changed = answer["partitionBackfillOrError"]["runs"], time.monotonic()
+        webserver.graphql(
+            "mutation($id: String!) { cancelPartitionBackfill(backfillId: $id) { __typename } }",
+            {"id": backfill_id},
+        )
+
+    print(f"\nThe backfill daemon queued {len(runs)} run(s) for the first stage:")
+    sizes: Counter = Counter()
+    for run in runs:
+        tags = {tag["key"]: tag["value"] for tag in run["tags"]}
+        first = tags.get(ASSET_PARTITION_RANGE_START_TAG, "")
+        last = tags.get(ASSET_PARTITION_RANGE_END_TAG, "")
+        stages = "+".join(sorted(key["path"][-1] for key in run["assetSelection"]))
+        ticker_first, window_first = first.split("|")
+        ticker_last, window_last = last.split("|")
+        tickers = plan.market.tickers
+        count = (tickers.index(ticker_last) - tickers.index(ticker_first) + 1) * (
+            plan.window_keys.index(window_last) - plan.window_keys.index(window_first) + 1
+        )
+        sizes[(stages, count)] += 1
+        print(f"  {stages:<16} {first} ... {last}  ({count} partitions)")
+    print(
+        "runs by stage and size: " + ", ".join(f"{n} x {s} of {c}" for (s, c), n in sizes.items())
+    )
 
 
 def pure_compute(universe, plan, bars_dir: Path) -> tuple[float, float]:

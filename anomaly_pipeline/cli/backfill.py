@@ -24,6 +24,7 @@ EXECUTOR_RUN_CONFIG = {"in_process": {"execution": {"config": {"in_process": {}}
 IN_PROGRESS_RUN_STATUSES = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
 MAX_LEFT_OUT_LINES = 12
 MAX_FAILED_RUNS_SHOWN = 3
+MAX_POLL_FAILURES = 10
 
 DESCRIPTION = """\
 Load a span of history for one market and interval as ONE Dagster partition backfill, launched
@@ -182,12 +183,34 @@ def follow(
     poll_seconds: float = 5.0,
     log: Callable[[str], None] = print,
 ) -> BackfillProgress:
-    """Poll the backfill until it ends, logging a line whenever its progress changes."""
+    """Poll the backfill until it ends, logging a line whenever its progress changes.
+
+    A webserver that stops answering for a while (a restart, a busy machine) is asked again;
+    after ``MAX_POLL_FAILURES`` failures in a row the command gives up, and the backfill goes on.
+    """
+    from anomaly_pipeline.backfills.webserver import (
+        WebserverRequestError,
+        WebserverUnreachableError,
+    )
+
     started = time.monotonic()
     last_line = None
+    failures = 0
     try:
         while True:
-            progress = webserver.backfill_progress(backfill_id)
+            try:
+                progress = webserver.backfill_progress(backfill_id)
+            except (WebserverUnreachableError, WebserverRequestError) as exc:
+                failures += 1
+                if failures >= MAX_POLL_FAILURES:
+                    raise CliError(
+                        f"lost the webserver at {webserver.url} ({exc}); the backfill goes on: "
+                        f"{webserver.backfill_page(backfill_id)}"
+                    ) from None
+                print(f"warning: no progress from {webserver.url}: {exc}", file=sys.stderr)
+                time.sleep(poll_seconds)
+                continue
+            failures = 0
             line = progress_line(plan, progress)
             if line != last_line:
                 elapsed = int(time.monotonic() - started)
