@@ -12,6 +12,9 @@ _INSTANCE_SETTINGS = """\
 # Dagster instance of the anomaly pipeline's local home (written by anomaly-pipeline).
 telemetry:
   enabled: false
+# Fail runs whose worker process died, so the detection sensor can request them again.
+run_monitoring:
+  enabled: true
 """
 
 
