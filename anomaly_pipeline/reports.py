@@ -30,14 +30,15 @@ def print_demo_report(universe: Universe, result: DemoResult, instance: dg.Dagst
     )
 
     print("\nAnomalies per ticker and interval")
-    counts = database[ANOMALIES].aggregate(
-        [
-            {"$group": {"_id": {"ticker": "$ticker", "interval": "$interval"}, "n": {"$sum": 1}}},
-            {"$sort": {"_id.ticker": 1, "_id.interval": 1}},
-        ]
-    )
-    for row in counts:
-        print(f"  {row['_id']['ticker']:<10} {row['_id']['interval']:<4} {row['n']:>5}")
+    counts = {
+        (row["_id"]["ticker"], row["_id"]["interval"]): row["n"]
+        for row in database[ANOMALIES].aggregate(
+            [{"$group": {"_id": {"ticker": "$ticker", "interval": "$interval"}, "n": {"$sum": 1}}}]
+        )
+    }
+    for market, interval in universe.pairs():
+        for ticker in market.tickers:
+            print(f"  {ticker:<10} {interval:<4} {counts.get((ticker, interval), 0):>5}")
 
     print("\nTop 10 anomalies")
     for document in database[ANOMALIES].find().sort([("anomaly_score", -1), ("_id", 1)]).limit(10):

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     query = {}
     if args.ticker:
-        query["ticker"] = args.ticker
+        # Yahoo symbols are upper case; accept "msft" for "MSFT".
+        query["ticker"] = args.ticker.upper()
     if args.interval:
         query["interval"] = args.interval
     database = build_mongo_resource().get_database()
@@ -49,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
             f"{document['timestamp']:%Y-%m-%d %H:%M}     {document['close']:12.6g}  "
             f"{document['model_version']}"
         )
+    total = database[ANOMALIES].count_documents(query)
+    if total > len(documents):
+        print(f"showing {len(documents)} of {total}; --limit 0 shows all")
     return 0
 
 
