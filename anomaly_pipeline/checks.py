@@ -21,7 +21,7 @@ reach the model or detection.
 """
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import dagster as dg
 import numpy as np
@@ -253,19 +253,10 @@ def _prices_check(
     def bars_well_formed(
         context: dg.AssetCheckExecutionContext, mongo: MongoResource
     ) -> dg.AssetCheckResult:
-        problems, checked, bars = [], 0, 0
-        for key, document in _scoped_documents(
-            context, mongo.get_database(), PRICE_BARS, market, interval, partitions_def
-        ):
-            checked += 1
-            if document is None:
-                problems.append((key, "not stored"))
-                continue
-            bars += document.get("bar_count") or 0
-            problem = price_document_problem(document)
-            if problem:
-                problems.append((key, problem))
-        return _result(problems, checked, {"bars_checked": dg.MetadataValue.int(bars)})
+        return _check_stored_partitions(
+            context, mongo, PRICE_BARS, market, interval, partitions_def,
+            price_document_problem, count_field="bar_count", count_label="bars_checked",
+        )  # fmt: skip
 
     return bars_well_formed
 
@@ -286,21 +277,40 @@ def _features_check(
     def features_finite(
         context: dg.AssetCheckExecutionContext, mongo: MongoResource
     ) -> dg.AssetCheckResult:
-        problems, checked, rows = [], 0, 0
-        for key, document in _scoped_documents(
-            context, mongo.get_database(), BAR_FEATURES, market, interval, partitions_def
-        ):
-            checked += 1
-            if document is None:
-                problems.append((key, "not stored"))
-                continue
-            rows += document.get("row_count") or 0
-            problem = features_document_problem(document)
-            if problem:
-                problems.append((key, problem))
-        return _result(problems, checked, {"rows_checked": dg.MetadataValue.int(rows)})
+        return _check_stored_partitions(
+            context, mongo, BAR_FEATURES, market, interval, partitions_def,
+            features_document_problem, count_field="row_count", count_label="rows_checked",
+        )  # fmt: skip
 
     return features_finite
+
+
+def _check_stored_partitions(
+    context: dg.AssetCheckExecutionContext,
+    mongo: MongoResource,
+    collection: str,
+    market: Market,
+    interval: str,
+    partitions_def: dg.MultiPartitionsDefinition,
+    document_problem: Callable[[dict], str | None],
+    *,
+    count_field: str,
+    count_label: str,
+) -> dg.AssetCheckResult:
+    """Run ``document_problem`` over the partition documents in the check's scope."""
+    problems, checked, counted = [], 0, 0
+    for key, document in _scoped_documents(
+        context, mongo.get_database(), collection, market, interval, partitions_def
+    ):
+        checked += 1
+        if document is None:
+            problems.append((key, "not stored"))
+            continue
+        counted += document.get(count_field) or 0
+        problem = document_problem(document)
+        if problem:
+            problems.append((key, problem))
+    return _result(problems, checked, {count_label: dg.MetadataValue.int(counted)})
 
 
 def _anomalies_check(

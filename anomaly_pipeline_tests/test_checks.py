@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 import dagster as dg
 import gridfs
+import numpy as np
 import pandas as pd
 import pytest
+from bson import Binary
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
     ASSET_PARTITION_RANGE_START_TAG,
@@ -213,13 +215,13 @@ def test_checks_pass_on_stored_sample_data_and_fail_once_it_is_broken(
     bars = store.read_bars("SYNX-USD", "1h", february_window.start, february_window.end)
     bars.iloc[10, bars.columns.get_loc("high")] = bars["low"].iloc[10] - 1.0
     store.write_bars(february_window, bars, run_id="edit", source="test", empty_reason=None)
-    features = store.read_features(["SYNX-USD"], "1h", january_window.start, january_window.end)
-    features.iloc[5, features.columns.get_loc("volume_zscore_20")] = float("nan")
-    store.write_features(
-        january_window,
-        features.drop(columns="ticker"),
-        warmup_excluded=LOOKBACK_BARS,
-        run_id="edit",
+    # BarStore refuses to write a non-finite value, so corrupt the stored bytes directly, as
+    # another writer or a damaged restore could.
+    stored = store.partition_document("bar_features", january_window)
+    column = np.frombuffer(stored["columns"]["volume_zscore_20"], dtype="<f8").copy()
+    column[5] = float("nan")
+    database["bar_features"].update_one(
+        {"_id": stored["_id"]}, {"$set": {"columns.volume_zscore_20": Binary(column.tobytes())}}
     )
     broken_at = bars.index[10].isoformat()
 
