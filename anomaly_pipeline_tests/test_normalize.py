@@ -598,11 +598,12 @@ def test_missing_volume_becomes_zero_with_a_note() -> None:
     result = normalize(flat(NY_DAYS, index_rows))
     assert list(result.bars["volume"]) == [0.0, 0.0]
     assert result.notes == ("set missing volume to 0 on 2 rows",)
-    no_column = normalize(
-        flat(NY_DAYS, [r[:4] for r in index_rows], columns=["Open", "High", "Low", "Close"])
-    )
-    assert list(no_column.bars["volume"]) == [0.0, 0.0]
-    assert no_column.notes == ("set missing volume to 0 on 2 rows",)
+
+
+def test_missing_volume_column_is_an_error() -> None:
+    rows = [(5000.0, 5010.0, 4990.0, 5005.0), (5005.0, 5020.0, 5000.0, 5015.0)]
+    with pytest.raises(PriceDataError, match="no volume column"):
+        normalize(flat(NY_DAYS, rows, columns=["Open", "High", "Low", "Close"]))
 
 
 def test_high_and_low_are_widened_to_cover_open_and_close() -> None:

@@ -145,7 +145,7 @@ def test_status_without_a_local_server_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ANOMALY_PIPELINE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
 
-    assert main(["status", "--json"]) == 0
+    assert main(["status", "--json"]) == 1  # unreachable store: non-zero for monitoring
     report = json.loads(capsys.readouterr().out)
     assert report["database"] == {
         "reachable": False,

@@ -10,8 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pymongo.errors import PyMongoError
+
 from anomaly_pipeline.cli import anomalies, backfill, database, demo, models, runs, status, verify
 from anomaly_pipeline.cli.errors import CliError
+from anomaly_pipeline.universe import UniverseError
 
 COMMAND_MODULES = (demo, anomalies, database, verify, models, backfill, runs, status)
 
@@ -30,8 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (e.g. `| head`): stop quietly, as other Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except CliError as exc:
+    except (CliError, UniverseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PyMongoError as exc:
+        # Host and port only: pymongo's messages do not carry the credentials of the URI.
+        print(f"error: the database is not reachable: {exc}", file=sys.stderr)
         return 1
 
 

@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
     universe = load_universe()
     instance = local_instance()
     print(f"anomaly-pipeline demo: universe {universe.path}")
+    for problem in universe.errors.values():
+        print(f"warning: left out of the universe: {problem}", file=sys.stderr)
     try:
         result = run_demo(instance, universe)
     except Exception as exc:  # a failed Dagster run: report it and exit non-zero

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -95,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(status), default=_json_value, indent=2))
     else:
         print_status(status, now=pd.Timestamp.now(tz="UTC"))
-    return 0
+    for problem in universe.errors.values():
+        print(f"warning: left out of the universe: {problem}", file=sys.stderr)
+    # Non-zero when the store cannot be reached, so monitoring scripts can rely on the code.
+    return 0 if database is not None else 1
 
 
 def _reachable_database() -> tuple[Database | None, dict]:

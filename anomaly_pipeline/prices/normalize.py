@@ -26,7 +26,8 @@ faults Yahoo data is known for. The rules, in the order they are applied:
   forms, so it marks the latest snapshot), then the later row.
 * After de-duplication, rows with a missing price are dropped, and so are rows whose open,
   high or low is 0 next to a real close (a bar the source has not filled in yet).
-* Missing volume becomes 0 (indices and FX report none). High and low that do not cover open
+* A missing volume value becomes 0 (indices and FX report none); a missing volume column is an
+  error. High and low that do not cover open
   and close are widened to the max and min of the four prices.
 
 Every drop or repair is counted in ``NormalizedBars.notes``.
@@ -249,7 +250,9 @@ def normalize_bars(
     fields = _price_fields(frame, fail)
     notes: list[str] = []
     if "volume" not in fields:
-        fields["volume"] = np.nan
+        # A whole missing column is a different export, not a gap: filling it with zeros would
+        # overwrite real stored volumes.
+        raise fail("no volume column; export the bars with their volume")
 
     stamps = _parse_stamps(stamp_values, fail)
     local_zone = naive_timezone or market.timezone
