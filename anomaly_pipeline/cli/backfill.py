@@ -107,10 +107,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anomaly_pipeline.backfills.plan import BackfillRequestError, parse_stages, plan_backfill
-    from anomaly_pipeline.backfills.webserver import DagsterWebserver, WebserverUnreachableError
+    from anomaly_pipeline.backfills.plan import parse_stages, plan_backfill
+    from anomaly_pipeline.backfills.webserver import (
+        DagsterWebserver,
+        WebserverRequestError,
+        WebserverUnreachableError,
+    )
     from anomaly_pipeline.resources import build_price_source
-    from anomaly_pipeline.universe import UniverseError, load_universe
+    from anomaly_pipeline.universe import load_universe
 
     try:
         universe = load_universe()
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_backfill(
             universe, args.market, args.interval, args.window, stages, build_price_source()
         )
-    except (BackfillRequestError, UniverseError) as exc:
+    # UniverseError and BackfillRequestError are ValueErrors, as is an unknown price source.
+    except ValueError as exc:
         raise CliError(str(exc)) from None
 
     webserver = DagsterWebserver(args.url)
@@ -139,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
         print("\nDry run: nothing launched.")
         return 0
 
-    missing = webserver.missing_assets(plan.asset_keys)
+    try:
+        missing = webserver.missing_assets(plan.asset_keys)
+    except (WebserverRequestError, WebserverUnreachableError) as exc:
+        raise CliError(f"cannot ask {webserver.url} for its assets: {exc}") from None
     if missing:
         raise CliError(
             f"the webserver at {webserver.url} does not define "
